@@ -192,6 +192,11 @@ type VM struct {
 	DiskSize      ByteSize `yaml:"disk_size"`
 	// Metadata adds string leaves to the VM's meta-data tree (MMDS).
 	Metadata map[string]string `yaml:"metadata,omitempty"`
+	// UserData is the cloud-init user-data every VM of the pool receives,
+	// verbatim. When the registry cache is on and this is empty, it is
+	// derived from registry_cache (registrycache.ApplyUserData), both by the
+	// bootstrap and when the daemon loads its configuration.
+	UserData string `yaml:"user_data,omitempty"`
 }
 
 // Duration is a time.Duration written as "90s", "24h".
