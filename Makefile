@@ -1,0 +1,65 @@
+# fireactions — build, test, demo.
+#   make demo   installs what it needs, then runs the main job on embedded defaults
+#   make test   installs what it needs, then runs every test
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+
+GO        ?= go
+BIN       := $(CURDIR)/bin
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -s -w -X github.com/fireactions/fireactions/internal/cli.Version=$(VERSION)
+export FIREACTIONS_CACHE ?= $(HOME)/.cache/fireactions
+STATICCHECK_VERSION := v0.7.0
+FUZZTIME  ?= 10s
+TEST_TIMEOUT ?= 40m
+
+# Host binaries; the guest init is built separately, static.
+HOST_CMDS := $(filter-out ./cmd/fireactions-init,$(addprefix ./,$(wildcard cmd/*)))
+
+.PHONY: all build deps kernel test test-go fuzz lint bench demo clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ $(HOST_CMDS)
+	$(if $(wildcard cmd/fireactions-init),CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/fireactions-init ./cmd/fireactions-init)
+
+# The test kernel (Debian's cloud kernel cut down to a PVH vmlinux plus its
+# modules), cached in $(FIREACTIONS_CACHE)/kernel.
+kernel: deps
+	@scripts/test-kernel.sh | tail -n 2 > $(BIN)/kernel.env.tmp && mv $(BIN)/kernel.env.tmp $(BIN)/kernel.env
+
+test: deps build kernel test-go
+	@FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
+
+test-go:
+	@set -a; [ -f $(BIN)/kernel.env ] && . $(BIN)/kernel.env; set +a; \
+	  export FIREACTIONS_TEST_KERNEL="$${KERNEL:-}" FIREACTIONS_TEST_MODULES="$${MODULES:-}" FIREACTIONS_INIT=$(BIN)/fireactions-init; \
+	  $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+fuzz:
+	@FUZZTIME=$${FUZZTIME:-2m} scripts/fuzz.sh
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	@if [ ! -x $(FIREACTIONS_CACHE)/tools/staticcheck-$(STATICCHECK_VERSION) ]; then \
+	  mkdir -p $(FIREACTIONS_CACHE)/tools && \
+	  GOBIN=$(FIREACTIONS_CACHE)/tools/sc.tmp $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) && \
+	  mv $(FIREACTIONS_CACHE)/tools/sc.tmp/staticcheck $(FIREACTIONS_CACHE)/tools/staticcheck-$(STATICCHECK_VERSION) || \
+	  echo "staticcheck $(STATICCHECK_VERSION) could not be installed; skipped"; fi
+	@if [ -x $(FIREACTIONS_CACHE)/tools/staticcheck-$(STATICCHECK_VERSION) ]; then $(FIREACTIONS_CACHE)/tools/staticcheck-$(STATICCHECK_VERSION) ./...; fi
+
+bench: deps build kernel
+	$(GO) test -run='^$$' -bench=. -benchtime=5x ./...
+	@if [ -x bench/image/run.sh ]; then bench/image/run.sh; fi
+
+demo: deps build
+	@scripts/demo.sh
+
+clean:
+	rm -rf $(BIN)
