@@ -1,7 +1,9 @@
 package config
 
 import (
+	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"math"
 	"strconv"
@@ -28,14 +30,23 @@ func (s Secret) String() string {
 // GoString keeps %#v from printing the value.
 func (s Secret) GoString() string { return s.String() }
 
+// Format redacts the value for every fmt verb (%v, %+v, %#v, %s, %q, %x,
+// ...), including when the Secret sits inside a struct being printed.
+func (s Secret) Format(f fmt.State, _ rune) { io.WriteString(f, s.String()) }
+
 // LogValue keeps slog from printing the value.
 func (s Secret) LogValue() slog.Value { return slog.StringValue(s.String()) }
 
-// MarshalYAML writes the real value; multi-line values (PEM keys) become
-// block literals so the file stays readable and round-trips exactly.
+// MarshalJSON redacts the value: JSON is for APIs and logs, never for a
+// file the daemon reads back.
+func (s Secret) MarshalJSON() ([]byte, error) { return json.Marshal(s.String()) }
+
+// MarshalYAML writes the real value (the bootstrap writes the key into the
+// daemon's configuration); multi-line values (PEM keys) become block
+// literals so the file stays readable and round-trips exactly.
 func (s Secret) MarshalYAML() (any, error) {
 	n := &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Value: string(s)}
-	if strings.Contains(string(s), "\n") {
+	if literalSafe(string(s)) {
 		n.Style = yaml.LiteralStyle
 	}
 	return n, nil
@@ -69,6 +80,9 @@ func ParseByteSize(s string) (ByteSize, error) {
 			t = strings.TrimSpace(strings.TrimSuffix(t, u.suffix))
 			break
 		}
+	}
+	if i, err := strconv.ParseInt(t, 10, 64); err == nil && i >= 0 && i <= math.MaxInt64/2/mult {
+		return ByteSize(i * mult), nil // exact, unlike the float path
 	}
 	n, err := strconv.ParseFloat(t, 64)
 	if err != nil || n < 0 || math.IsInf(n, 0) || math.IsNaN(n) {
