@@ -12,6 +12,7 @@ packages=(
   squid                # `squid -k parse` on rendered configs
   nftables             # `nft -c` on rendered rules; host isolation
   iproute2             # network namespaces in tests
+  kmod                 # depmod: Debian kernel debs ship no modules.dep
   containernetworking-plugins  # CNI bridge/host-local/firewall
   docker-registry      # a real OCI registry with htpasswd auth
   apache2-utils        # htpasswd
