@@ -9,7 +9,8 @@ packages=(
   e2fsprogs            # debugfs, e2fsck, mkfs.ext4 in tests
   cpio                 # inspecting initramfs archives in tests
   xz-utils lz4 zstd    # cutting the vmlinux out of Debian's bzImage
-  squid                # `squid -k parse` on rendered configs
+  squid-openssl        # `squid -k parse` on rendered configs (the OpenSSL build: ssl-bump)
+  python3-yaml         # cloud-init's YAML parser, to check rendered user-data
   nftables             # `nft -c` on rendered rules; host isolation
   iproute2             # network namespaces in tests
   kmod                 # depmod: Debian kernel debs ship no modules.dep
