@@ -16,7 +16,7 @@ TEST_TIMEOUT ?= 40m
 # Host binaries; the guest init is built separately, static.
 HOST_CMDS := $(filter-out ./cmd/fireactions-init,$(addprefix ./,$(wildcard cmd/*)))
 
-.PHONY: all build deps kernel test test-go fuzz lint bench demo clean
+.PHONY: all build deps kernel cni test test-go fuzz lint bench demo clean
 
 all: build
 
@@ -33,7 +33,12 @@ build:
 kernel: deps
 	@scripts/test-kernel.sh | tail -n 2 > $(BIN)/kernel.env.tmp && mv $(BIN)/kernel.env.tmp $(BIN)/kernel.env
 
-test: deps build kernel test-go
+# tc-redirect-tap, built from its pinned module version into
+# $(FIREACTIONS_CACHE)/cni/bin (Debian's containernetworking-plugins has the rest).
+cni:
+	@scripts/build-cni.sh >/dev/null
+
+test: deps build kernel cni test-go
 	@FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
 test-go:
@@ -54,11 +59,11 @@ lint:
 	  echo "staticcheck $(STATICCHECK_VERSION) could not be installed; skipped"; fi
 	@if [ -x $(FIREACTIONS_CACHE)/tools/staticcheck-$(STATICCHECK_VERSION) ]; then $(FIREACTIONS_CACHE)/tools/staticcheck-$(STATICCHECK_VERSION) ./...; fi
 
-bench: deps build kernel
+bench: deps build kernel cni
 	$(GO) test -run='^$$' -bench=. -benchtime=5x ./...
 	@if [ -x bench/image/run.sh ]; then bench/image/run.sh; fi
 
-demo: deps build
+demo: deps build kernel
 	@scripts/demo.sh
 
 clean:

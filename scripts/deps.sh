@@ -13,6 +13,7 @@ packages=(
   python3-yaml         # cloud-init's YAML parser, to check rendered user-data
   nftables             # `nft -c` on rendered rules; host isolation
   iproute2             # network namespaces in tests
+  iptables             # CNI bridge/firewall plugins program it
   kmod                 # depmod: Debian kernel debs ship no modules.dep
   containernetworking-plugins  # CNI bridge/host-local/firewall
   docker-registry      # a real OCI registry with htpasswd auth
