@@ -24,6 +24,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/fireactions/fireactions/internal/agent"
 	"github.com/fireactions/fireactions/internal/guest"
 )
 
@@ -33,6 +34,9 @@ import (
 const setupDeadline = 2 * time.Minute
 
 func main() {
+	if runAsAgent() {
+		os.Exit(agent.Main(os.Args[1:]))
+	}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "fireactions-init is the PID 1 of fireactions microVMs: fireactions puts it into each VM's initramfs; it is not meant to be run by hand")
 		os.Exit(2)
@@ -139,12 +143,19 @@ func (in *initProcess) run() {
 	if err := in.finishRoot(); err != nil {
 		in.fail(err)
 	}
+	withAgent := agentRequested()
+	if withAgent {
+		in.setPhase("installing the guest agent")
+		if err := in.installAgent(); err != nil {
+			in.fail(err)
+		}
+	}
 	watchdog.Stop()
 	in.log("guest ready %.2fs after kernel start", uptime().Seconds())
 
 	switch cfg.Mode {
 	case guest.ModeSystem:
-		in.runSystem()
+		in.runSystem(withAgent)
 	default:
 		in.runApp()
 	}

@@ -63,7 +63,7 @@ func writeFile(t *testing.T, dir, name, content string) {
 // here and in docs/operations.md together.
 func wantSeedConfig(t *testing.T) *config.Config {
 	return &config.Config{
-		Server:  config.Server{Address: "127.0.0.1:8080"},
+		Server:  config.Server{Address: "127.0.0.1:8080", DrainTimeout: config.DefaultDrainTimeout},
 		Metrics: config.Metrics{Enabled: true, Address: "127.0.0.1:8081"},
 		Log:     config.Log{Level: "info", Format: "text"},
 		GitHub: config.GitHub{
@@ -106,8 +106,10 @@ func wantSeedConfig(t *testing.T) *config.Config {
 		},
 		Pools: []config.Pool{{
 			Name:       "default",
+			Scaling:    config.ScalingScaleSet,
 			MinRunners: 1,
 			MaxRunners: 10,
+			Timeouts:   config.Timeouts{Boot: config.DefaultBootTimeout, MaxJob: config.DefaultMaxJob},
 			Runner: config.Runner{
 				NamePrefix:      "runner",
 				Image:           "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest",
@@ -116,6 +118,7 @@ func wantSeedConfig(t *testing.T) *config.Config {
 				Labels:          []string{"self-hosted", "fireactions", "linux"},
 			},
 			VM: config.VM{
+				Mode:       config.VMModeSystem,
 				Backend:    config.BackendAuto,
 				VCPUs:      2,
 				MemoryMiB:  4096,
@@ -302,33 +305,34 @@ func TestExtensions(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Generate: %v", err)
 	}
-	if got, want := cfg.Server, (config.Server{Address: "0.0.0.0:9090", AuthTokenFile: filepath.Join(dir, FileAuthToken)}); got != want {
+	if got, want := cfg.Server, (config.Server{Address: "0.0.0.0:9090", AuthTokenFile: filepath.Join(dir, FileAuthToken), DrainTimeout: config.DefaultDrainTimeout}); got != want {
 		t.Errorf("server = %+v, want %+v", got, want)
 	}
 	if cfg.Log.Level != "debug" {
 		t.Errorf("log.level = %q, want debug", cfg.Log.Level)
 	}
+	defaultTimeouts := config.Timeouts{Boot: config.DefaultBootTimeout, MaxJob: config.DefaultMaxJob}
 	want := []config.Pool{
 		{
-			Name: "repo-pool", MinRunners: 0, MaxRunners: 3,
+			Name: "repo-pool", Scaling: config.ScalingScaleSet, MinRunners: 0, MaxRunners: 3, Timeouts: defaultTimeouts,
 			Runner: config.Runner{NamePrefix: "runner", Image: config.DefaultRunnerImage, ImagePullPolicy: config.PullIfNotPresent,
 				Repository: "octo/hello", Labels: []string{"gpu"}},
-			VM: config.VM{Backend: config.BackendQEMU, VCPUs: 2, MemoryMiB: 2048, Kernel: config.DefaultKernel,
+			VM: config.VM{Mode: config.VMModeSystem, Backend: config.BackendQEMU, VCPUs: 2, MemoryMiB: 2048, Kernel: config.DefaultKernel,
 				KernelModules: "/opt/modules", KernelArgs: config.DefaultKernelArgs, DiskSize: 8 << 30,
 				Metadata: map[string]string{"team": "infra", "a.b/c": "d"}},
 		},
 		{
-			Name: "ent", MinRunners: 1, MaxRunners: 10,
+			Name: "ent", Scaling: config.ScalingScaleSet, MinRunners: 1, MaxRunners: 10, Timeouts: defaultTimeouts,
 			Runner: config.Runner{NamePrefix: "ent-runner", Image: config.DefaultRunnerImage, ImagePullPolicy: config.PullAlways,
 				Enterprise: "acme", GroupID: 7, Labels: []string{"self-hosted", "fireactions"}},
-			VM: config.VM{Backend: config.BackendAuto, VCPUs: 2, MemoryMiB: 2048, Kernel: config.DefaultKernel,
+			VM: config.VM{Mode: config.VMModeSystem, Backend: config.BackendAuto, VCPUs: 2, MemoryMiB: 2048, Kernel: config.DefaultKernel,
 				KernelArgs: config.DefaultKernelArgs, DiskSize: 10 << 30},
 		},
 		{
-			Name: "default", MinRunners: 1, MaxRunners: 10,
+			Name: "default", Scaling: config.ScalingScaleSet, MinRunners: 1, MaxRunners: 10, Timeouts: defaultTimeouts,
 			Runner: config.Runner{NamePrefix: "runner", Image: config.DefaultRunnerImage, ImagePullPolicy: config.PullIfNotPresent,
 				Organization: "acme", Labels: []string{"self-hosted", "fireactions"}},
-			VM: config.VM{Backend: config.BackendAuto, VCPUs: 2, MemoryMiB: 2048, Kernel: config.DefaultKernel,
+			VM: config.VM{Mode: config.VMModeSystem, Backend: config.BackendAuto, VCPUs: 2, MemoryMiB: 2048, Kernel: config.DefaultKernel,
 				KernelArgs: config.DefaultKernelArgs, DiskSize: 20 << 30},
 		},
 	}

@@ -33,6 +33,10 @@ type Server struct {
 	Address string `yaml:"address"`
 	// AuthTokenFile holds the bearer token clients must present.
 	AuthTokenFile string `yaml:"auth_token_file,omitempty"`
+	// DrainTimeout is how long `fireactions serve` waits, after SIGTERM,
+	// for busy runners of all pools to finish their jobs before it stops
+	// them anyway: one deadline for the whole daemon, not one per pool.
+	DrainTimeout Duration `yaml:"drain_timeout"`
 }
 
 // Metrics is the Prometheus listener.
@@ -57,6 +61,14 @@ type GitHub struct {
 	// APIURL is the REST API base URL; set it for GitHub Enterprise Server
 	// (https://HOST/api/v3/).
 	APIURL string `yaml:"api_url"`
+	// TokenFile holds a personal access token (classic). Enterprise pools
+	// need it (GitHub Apps cannot manage enterprise runners); without an
+	// App it is used for every pool.
+	TokenFile string `yaml:"token_file,omitempty"`
+	// WebhookSecretFile holds the secret GitHub signs workflow_job webhooks
+	// with. When set, the API listener serves POST /webhook and pools in
+	// labels mode grow on queued jobs.
+	WebhookSecretFile string `yaml:"webhook_secret_file,omitempty"`
 }
 
 // Network is the host-side VM network shared by all pools.
@@ -116,13 +128,44 @@ type Squid struct {
 
 // Pool is a set of identical ephemeral runners.
 type Pool struct {
-	Name       string `yaml:"name"`
-	MinRunners int    `yaml:"min_runners"`
-	MaxRunners int    `yaml:"max_runners"`
-	Runner     Runner `yaml:"runner"`
-	VM         VM     `yaml:"vm"`
+	Name string `yaml:"name"`
+	// Scaling picks how the pool learns about demand: ScalingScaleSet
+	// (GitHub's runner scale set API) or ScalingLabels (a warm pool of
+	// JIT runners, grown by workflow_job webhooks).
+	Scaling    Scaling `yaml:"scaling"`
+	MinRunners int     `yaml:"min_runners"`
+	MaxRunners int     `yaml:"max_runners"`
+	Runner     Runner  `yaml:"runner"`
+	VM         VM      `yaml:"vm"`
 	// Network is the CNI network name; empty means network.name.
-	Network string `yaml:"network,omitempty"`
+	Network  string   `yaml:"network,omitempty"`
+	Timeouts Timeouts `yaml:"timeouts"`
+}
+
+// Scaling names how a pool is sized.
+type Scaling string
+
+const (
+	// ScalingScaleSet sizes the pool from a runner scale set's statistics:
+	// min(max_runners, min_runners + jobs assigned to the scale set).
+	ScalingScaleSet Scaling = "scaleset"
+	// ScalingLabels keeps min_runners idle JIT runners with the pool's
+	// labels beyond the jobs in flight, up to max_runners.
+	ScalingLabels Scaling = "labels"
+)
+
+// Timeouts are the host-side deadlines of each runner VM. When one passes,
+// the VM is stopped, its runner deregistered, and a new VM replaces it if
+// the pool still wants one.
+type Timeouts struct {
+	// Boot bounds the time from the VM start request until its runner
+	// reports idle (listening for jobs).
+	Boot Duration `yaml:"boot"`
+	// IdleTTL bounds how long a runner may wait idle for a job; 0 means
+	// forever.
+	IdleTTL Duration `yaml:"idle_ttl"`
+	// MaxJob bounds how long a runner may run its job.
+	MaxJob Duration `yaml:"max_job"`
 }
 
 // Runner describes the GitHub Actions runners of a pool. Exactly one of
@@ -134,8 +177,10 @@ type Runner struct {
 	Organization    string     `yaml:"organization,omitempty"`
 	Repository      string     `yaml:"repository,omitempty"`
 	Enterprise      string     `yaml:"enterprise,omitempty"`
-	GroupID         int64      `yaml:"group_id,omitempty"`
-	Labels          []string   `yaml:"labels"`
+	// Group names the runner group (scale-set mode); exclusive with GroupID.
+	Group   string   `yaml:"group,omitempty"`
+	GroupID int64    `yaml:"group_id,omitempty"`
+	Labels  []string `yaml:"labels"`
 }
 
 // Scope names the runner registration level.
@@ -179,8 +224,21 @@ const (
 	BackendQEMU        Backend = "qemu"
 )
 
+// VMMode is how the guest runs: the image's own init, or the agent alone.
+type VMMode string
+
+const (
+	// VMModeSystem boots the image's /sbin/init (systemd); the image runs
+	// fireactions' agent as a service.
+	VMModeSystem VMMode = "system"
+	// VMModeApp runs fireactions' agent as the VM's only workload.
+	VMModeApp VMMode = "app"
+)
+
 // VM is the shape of each runner microVM.
 type VM struct {
+	// Mode is system (the image's init) or app (the agent alone).
+	Mode          VMMode   `yaml:"mode"`
 	Backend       Backend  `yaml:"backend"`
 	VCPUs         int      `yaml:"vcpus"`
 	MemoryMiB     int      `yaml:"memory_mib"`

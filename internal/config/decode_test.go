@@ -152,12 +152,12 @@ func TestParseDocumentShape(t *testing.T) {
 		{"list at the top", "- a\n- b\n", []string{"the top level must be a mapping of settings (server:, github:, pools:, ...), got a list (line 1)"}},
 		{"scalar at the top", "hello\n", []string{`the top level must be a mapping of settings (server:, github:, pools:, ...), got "hello" (line 1)`}},
 		{"empty file", "", []string{
-			"github.app_id: required: the GitHub App's numeric ID (App settings, About)",
+			"github.app_id: required: the GitHub App's numeric ID (App settings, About), or only github.token_file for a personal access token",
 			"github.private_key: required: set private_key (the App's PEM key inline) or private_key_file (a path to it)",
 			"pools: required: at least one pool",
 		}},
 		{"comments only", "# nothing\n", []string{
-			"github.app_id: required: the GitHub App's numeric ID (App settings, About)",
+			"github.app_id: required: the GitHub App's numeric ID (App settings, About), or only github.token_file for a personal access token",
 			"github.private_key: required: set private_key (the App's PEM key inline) or private_key_file (a path to it)",
 			"pools: required: at least one pool",
 		}},
@@ -211,7 +211,7 @@ func TestMissingFieldSortsWithItsParent(t *testing.T) {
 	doc = replace(t, doc, "    min_runners: 1\n", "    min_runners: -1\n")
 	_, err := Parse([]byte(doc))
 	want := strings.Join([]string{
-		"github.app_id: required: the GitHub App's numeric ID (App settings, About)",
+		"github.app_id: required: the GitHub App's numeric ID (App settings, About), or only github.token_file for a personal access token",
 		"pools[0].min_runners: -1 is negative; use 0 or more (line 13)",
 		"pools[1].runner.organization: required: set exactly one of organization, repository (owner/name) or enterprise",
 		"pools[1].vm.vcpus: 64 is out of range; use 1 to 32 (line 30)",

@@ -23,6 +23,9 @@ const (
 	DefaultZotPort        = 5000
 	DefaultSquidHTTPPort  = 3128
 	DefaultSquidHTTPSPort = 3129
+	DefaultDrainTimeout   = Duration(30 * time.Minute)
+	DefaultBootTimeout    = Duration(5 * time.Minute)
+	DefaultMaxJob         = Duration(6 * time.Hour)
 )
 
 // DefaultCNIBinDirs are searched in order: Debian's package, then the
@@ -60,6 +63,9 @@ func DefaultDataDir() string {
 func (c *Config) ApplyDefaults() {
 	if c.Server.Address == "" {
 		c.Server.Address = DefaultServerAddress
+	}
+	if c.Server.DrainTimeout == 0 {
+		c.Server.DrainTimeout = DefaultDrainTimeout
 	}
 	if c.Metrics.Address == "" {
 		c.Metrics.Address = DefaultMetricsAddress
@@ -136,6 +142,15 @@ func (c *Config) ApplyDefaults() {
 }
 
 func (p *Pool) applyDefaults() {
+	if p.Scaling == "" {
+		p.Scaling = ScalingScaleSet
+	}
+	if p.Timeouts.Boot == 0 {
+		p.Timeouts.Boot = DefaultBootTimeout
+	}
+	if p.Timeouts.MaxJob == 0 {
+		p.Timeouts.MaxJob = DefaultMaxJob
+	}
 	r := &p.Runner
 	if r.NamePrefix == "" {
 		r.NamePrefix = "runner"
@@ -150,6 +165,9 @@ func (p *Pool) applyDefaults() {
 		r.Labels = append([]string(nil), DefaultLabels...)
 	}
 	v := &p.VM
+	if v.Mode == "" {
+		v.Mode = VMModeSystem
+	}
 	if v.Backend == "" {
 		v.Backend = BackendAuto
 	}

@@ -23,11 +23,12 @@ func TestFullConfigGolden(t *testing.T) {
 	c := mustParse(t, string(data))
 	want := &Config{
 		DataDir: "/var/lib/fireactions",
-		Server:  Server{Address: "0.0.0.0:8080", AuthTokenFile: "/etc/fireactions/api-token"},
+		Server:  Server{Address: "0.0.0.0:8080", AuthTokenFile: "/etc/fireactions/api-token", DrainTimeout: Duration(45 * time.Minute)},
 		Metrics: Metrics{Enabled: true, Address: "127.0.0.1:8081"},
 		Log:     Log{Level: "debug", Format: "json"},
 		GitHub: GitHub{AppID: 123456, PrivateKeyFile: "/etc/fireactions/github-private-key.pem",
-			APIURL: "https://github.example.com/api/v3/"},
+			APIURL: "https://github.example.com/api/v3/", TokenFile: "/etc/fireactions/github-token",
+			WebhookSecretFile: "/etc/fireactions/webhook-secret"},
 		Network: Network{Name: "fireactions", ConfDir: "/etc/cni/conf.d", BinDirs: []string{"/usr/lib/cni", "/opt/cni/bin"},
 			Bridge: "fireactions0", Subnet: "10.200.0.0/24", Gateway: "10.200.0.1", MTU: 1500, DNS: []string{"1.1.1.1", "9.9.9.9"}},
 		RegistryCache: RegistryCache{
@@ -44,21 +45,23 @@ func TestFullConfigGolden(t *testing.T) {
 		},
 		Pools: []Pool{
 			{
-				Name: "default", MinRunners: 1, MaxRunners: 10,
+				Name: "default", Scaling: ScalingScaleSet, MinRunners: 1, MaxRunners: 10,
 				Runner: Runner{NamePrefix: "runner", Image: "ghcr.io/thpham/fireactions-images/ubuntu-24.04:latest",
-					ImagePullPolicy: PullIfNotPresent, Organization: "your-org", GroupID: 1,
+					ImagePullPolicy: PullIfNotPresent, Organization: "your-org", Group: "linux-runners",
 					Labels: []string{"self-hosted", "fireactions", "linux"}},
-				VM: VM{Backend: BackendFirecracker, VCPUs: 2, MemoryMiB: 4096, SMT: true, CPUTemplate: "T2",
+				Timeouts: Timeouts{Boot: Duration(3 * time.Minute), IdleTTL: Duration(30 * time.Minute), MaxJob: Duration(12 * time.Hour)},
+				VM: VM{Mode: VMModeApp, Backend: BackendFirecracker, VCPUs: 2, MemoryMiB: 4096, SMT: true, CPUTemplate: "T2",
 					Kernel: "/var/lib/fireactions/kernels/vmlinux", KernelModules: "/var/lib/fireactions/kernels/modules",
 					KernelArgs: "console=ttyS0 reboot=k panic=1 pci=off", DiskSize: 20 << 30,
 					Metadata: map[string]string{"team": "infra", "motd": "line one\nline two\n"},
 					UserData: "#cloud-config\nwrite_files:\n  - path: /etc/motd\n    content: |\n      hello\n"},
 			},
 			{
-				Name: "repo-qemu", MaxRunners: 2, Network: "fireactions",
+				Name: "repo-qemu", Scaling: ScalingLabels, MaxRunners: 2, Network: "fireactions",
+				Timeouts: Timeouts{Boot: Duration(10 * time.Minute), IdleTTL: Duration(time.Hour), MaxJob: Duration(2 * time.Hour)},
 				Runner: Runner{NamePrefix: "hello", Image: "ghcr.io/octo/runner:2.321.0", ImagePullPolicy: PullAlways,
 					Repository: "octo/hello", Labels: []string{"qemu"}},
-				VM: VM{Backend: BackendQEMU, VCPUs: 4, MemoryMiB: 8192, Kernel: "/var/lib/fireactions/kernels/vmlinux",
+				VM: VM{Mode: VMModeSystem, Backend: BackendQEMU, VCPUs: 4, MemoryMiB: 8192, Kernel: "/var/lib/fireactions/kernels/vmlinux",
 					KernelArgs: "console=ttyS0", DiskSize: 50 << 30},
 			},
 		},

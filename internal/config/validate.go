@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 	"unicode"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -47,6 +48,8 @@ var (
 	LogLevels    = []string{"debug", "info", "warn", "error"}
 	LogFormats   = []string{"text", "json"}
 	PullPolicies = []PullPolicy{PullAlways, PullIfNotPresent, PullNever}
+	Scalings     = []Scaling{ScalingScaleSet, ScalingLabels}
+	VMModes      = []VMMode{VMModeSystem, VMModeApp}
 	Backends     = []Backend{BackendAuto, BackendFirecracker, BackendQEMU}
 	// CPUTemplates are Firecracker's static CPU templates; "" means none.
 	CPUTemplates = []string{"", "None", "T2", "T2S", "T2CL", "T2A", "C3"}
@@ -81,7 +84,24 @@ func (v *validator) config(c *Config) {
 	v.github(&c.GitHub)
 	v.network(&c.Network)
 	v.registryCache(&c.RegistryCache)
+	v.cacheInSubnet(c)
 	v.pools(c.Pools)
+}
+
+// cacheInSubnet requires the registry cache to listen where VMs can reach
+// it without a route: on the VM network.
+func (v *validator) cacheInSubnet(c *Config) {
+	if !c.RegistryCache.Enabled {
+		return
+	}
+	gw, err1 := netip.ParseAddr(c.RegistryCache.Gateway)
+	subnet, err2 := netip.ParsePrefix(c.Network.Subnet)
+	if err1 != nil || err2 != nil || subnet.Masked() != subnet {
+		return // reported by their own checks
+	}
+	if !subnet.Contains(gw) {
+		v.add("registry_cache.gateway", fmt.Sprintf("%s is outside network.subnet %s, so VMs cannot reach the caches; use the bridge address (network.gateway, %s)", gw, subnet, c.Network.Gateway))
+	}
 }
 
 func (v *validator) server(c *Config) {
@@ -92,9 +112,20 @@ func (v *validator) server(c *Config) {
 		v.add("server.address", fmt.Sprintf("%q accepts connections from other hosts but server.auth_token_file is not set; "+
 			"set auth_token_file to a file holding a bearer token, or bind to 127.0.0.1:%s", s.Address, port))
 	}
-	if s.AuthTokenFile != "" && v.absPath("server.auth_token_file", s.AuthTokenFile) && v.opts.CheckFiles {
-		if data, ok := v.readFile("server.auth_token_file", s.AuthTokenFile); ok && strings.TrimSpace(string(data)) == "" {
-			v.add("server.auth_token_file", fmt.Sprintf("%s is empty; write the bearer token into it", s.AuthTokenFile))
+	if s.AuthTokenFile != "" {
+		v.tokenFile("server.auth_token_file", s.AuthTokenFile, "the bearer token")
+	}
+	if s.DrainTimeout < 0 {
+		v.add("server.drain_timeout", fmt.Sprintf("%s is negative; write e.g. 30m", s.DrainTimeout.Std()))
+	}
+}
+
+// tokenFile checks a path to a file holding one secret value; the content
+// is never quoted.
+func (v *validator) tokenFile(path, p, what string) {
+	if v.absPath(path, p) && v.opts.CheckFiles {
+		if data, ok := v.readFile(path, p); ok && strings.TrimSpace(string(data)) == "" {
+			v.add(path, fmt.Sprintf("%s is empty; write %s into it", p, what))
 		}
 	}
 }
@@ -149,13 +180,17 @@ func isLoopback(host string) bool {
 }
 
 func (v *validator) github(g *GitHub) {
+	// A personal access token alone is enough; an App needs its id and key.
+	tokenOnly := g.TokenFile != "" && g.AppID == 0 && g.PrivateKey == "" && g.PrivateKeyFile == ""
 	switch {
+	case tokenOnly:
 	case g.AppID == 0:
-		v.add("github.app_id", "required: the GitHub App's numeric ID (App settings, About)")
+		v.add("github.app_id", "required: the GitHub App's numeric ID (App settings, About), or only github.token_file for a personal access token")
 	case g.AppID < 0:
 		v.add("github.app_id", fmt.Sprintf("%d is not an App ID; it must be positive", g.AppID))
 	}
 	switch {
+	case tokenOnly:
 	case g.PrivateKey != "" && g.PrivateKeyFile != "":
 		v.add("github.private_key", "set either private_key or private_key_file, not both")
 	case g.PrivateKey == "" && g.PrivateKeyFile == "":
@@ -173,6 +208,12 @@ func (v *validator) github(g *GitHub) {
 		}
 	}
 	v.httpURL("github.api_url", g.APIURL, "https://github.example.com/api/v3/")
+	if g.TokenFile != "" {
+		v.tokenFile("github.token_file", g.TokenFile, "the personal access token (classic)")
+	}
+	if g.WebhookSecretFile != "" {
+		v.tokenFile("github.webhook_secret_file", g.WebhookSecretFile, "the webhook secret set in the GitHub App")
+	}
 }
 
 // checkRSAKey explains what is wrong with a GitHub App private key, or
@@ -473,11 +514,30 @@ func (v *validator) pools(pools []Pool) {
 		} else if p.MinRunners > p.MaxRunners {
 			v.add(field(path, "min_runners"), fmt.Sprintf("%d is more than max_runners (%d)", p.MinRunners, p.MaxRunners))
 		}
+		v.enum(field(path, "scaling"), string(p.Scaling), Scalings)
 		v.runner(field(path, "runner"), &p.Runner)
+		if p.Runner.Group != "" && p.Scaling == ScalingLabels {
+			v.add(field(field(path, "runner"), "group"), "a runner group name works with scaling: scaleset only; in labels mode set group_id")
+		}
 		v.vm(field(path, "vm"), &p.VM)
 		if p.Network != "" {
 			v.cniName(field(path, "network"), p.Network)
 		}
+		v.timeouts(field(path, "timeouts"), p.Timeouts)
+	}
+}
+
+func (v *validator) timeouts(path string, t Timeouts) {
+	if t.Boot < Duration(time.Second) {
+		v.add(field(path, "boot"), fmt.Sprintf("%s is too short; use at least 1s, e.g. 5m", t.Boot.Std()))
+	}
+	if t.IdleTTL < 0 {
+		v.add(field(path, "idle_ttl"), fmt.Sprintf("%s is negative; use 0 for no limit, or e.g. 1h", t.IdleTTL.Std()))
+	} else if t.IdleTTL > 0 && t.IdleTTL < Duration(time.Second) {
+		v.add(field(path, "idle_ttl"), fmt.Sprintf("%s is too short; use at least 1s, or 0 for no limit", t.IdleTTL.Std()))
+	}
+	if t.MaxJob < Duration(time.Second) {
+		v.add(field(path, "max_job"), fmt.Sprintf("%s is too short; use at least 1s, e.g. 6h", t.MaxJob.Std()))
 	}
 }
 
@@ -524,6 +584,15 @@ func (v *validator) runner(path string, r *Runner) {
 	case r.GroupID > 0 && r.Repository != "" && set == 1:
 		v.add(field(path, "group_id"), "runner groups exist for organization and enterprise runners only; remove group_id")
 	}
+	switch {
+	case r.Group == "":
+	case r.GroupID != 0:
+		v.add(field(path, "group"), "set either group (the runner group's name) or group_id, not both")
+	case r.Repository != "" && set == 1:
+		v.add(field(path, "group"), "runner groups exist for organization and enterprise runners only; remove group")
+	case strings.TrimSpace(r.Group) != r.Group || strings.IndexFunc(r.Group, unicode.IsControl) >= 0:
+		v.add(field(path, "group"), fmt.Sprintf("%q has surrounding whitespace or control characters", r.Group))
+	}
 	if r.Labels != nil && len(r.Labels) == 0 {
 		v.add(field(path, "labels"), "empty; list at least one label, or leave the key out for the defaults ("+strings.Join(DefaultLabels, ", ")+")")
 	}
@@ -549,6 +618,7 @@ func (v *validator) runner(path string, r *Runner) {
 }
 
 func (v *validator) vm(path string, m *VM) {
+	v.enum(field(path, "mode"), string(m.Mode), VMModes)
 	v.enum(field(path, "backend"), string(m.Backend), Backends)
 	if m.VCPUs < MinVCPUs || m.VCPUs > MaxVCPUs {
 		v.add(field(path, "vcpus"), fmt.Sprintf("%d is out of range; use %d to %d", m.VCPUs, MinVCPUs, MaxVCPUs))
@@ -680,6 +750,10 @@ func (v *validator) enum(path, val string, allowed any) {
 		ok, list = contains(a, PullPolicy(val)), enumList(a)
 	case []Backend:
 		ok, list = contains(a, Backend(val)), enumList(a)
+	case []Scaling:
+		ok, list = contains(a, Scaling(val)), enumList(a)
+	case []VMMode:
+		ok, list = contains(a, VMMode(val)), enumList(a)
 	}
 	if ok {
 		return

@@ -77,6 +77,19 @@ func TestValidateRules(t *testing.T) {
 		{"token file relative", func(c *Config) { c.Server.AuthTokenFile = "token" }, []wantProblem{{"server.auth_token_file", "not an absolute path"}}},
 		{"metrics on the server's address", func(c *Config) { c.Metrics.Address = c.Server.Address }, []wantProblem{{"metrics.address", "also server.address"}}},
 		{"metrics address broken", func(c *Config) { c.Metrics.Address = "8081" }, []wantProblem{{"metrics.address", "is not host:port"}}},
+		{"drain timeout negative", func(c *Config) { c.Server.DrainTimeout = Duration(-time.Minute) }, []wantProblem{{"server.drain_timeout", "negative"}}},
+		{"github token only", func(c *Config) {
+			c.GitHub = GitHub{APIURL: DefaultGitHubAPIURL, TokenFile: "/etc/fireactions/github-token"}
+		}, nil},
+		{"github token relative", func(c *Config) { c.GitHub.TokenFile = "token" }, []wantProblem{{"github.token_file", "not an absolute path"}}},
+		{"github webhook secret relative", func(c *Config) { c.GitHub.WebhookSecretFile = "secret" }, []wantProblem{{"github.webhook_secret_file", "not an absolute path"}}},
+		{"github app id without key next to a token", func(c *Config) {
+			c.GitHub.PrivateKeyFile = ""
+			c.GitHub.TokenFile = "/etc/fireactions/github-token"
+		}, []wantProblem{{"github.private_key", "required"}}},
+		{"registry cache outside the VM subnet", func(c *Config) { c.RegistryCache.Enabled = true; c.RegistryCache.Gateway = "192.168.7.1" },
+			[]wantProblem{{"registry_cache.gateway", "192.168.7.1 is outside network.subnet 10.200.0.0/24, so VMs cannot reach the caches"}}},
+		{"registry cache off outside the subnet", func(c *Config) { c.RegistryCache.Gateway = "192.168.7.1" }, nil},
 
 		// log
 		{"log level", func(c *Config) { c.Log.Level = "loud" }, []wantProblem{{"log.level", `"loud" is not allowed; use one of debug, info, warn, error`}}},
@@ -201,7 +214,11 @@ func TestValidateRules(t *testing.T) {
 			[]wantProblem{{"pools[0].runner.image_pull_policy", `"Sometimes" is not allowed; use one of Always, IfNotPresent, Never`}}},
 		{"no scope", func(c *Config) { c.Pools[0].Runner.Organization = "" }, []wantProblem{{"pools[0].runner.organization", "required: set exactly one of organization, repository (owner/name) or enterprise"}}},
 		{"two scopes", func(c *Config) { c.Pools[0].Runner.Enterprise = "acme" }, []wantProblem{{"pools[0].runner", "set exactly one of organization, repository or enterprise, not several"}}},
-		{"enterprise scope", func(c *Config) { c.Pools[0].Runner.Organization = ""; c.Pools[0].Runner.Enterprise = "acme-corp" }, nil},
+		{"enterprise scope", func(c *Config) {
+			c.Pools[0].Runner.Organization = ""
+			c.Pools[0].Runner.Enterprise = "acme-corp"
+			c.GitHub.TokenFile = "/etc/fireactions/github-token"
+		}, nil},
 		{"organization invalid", func(c *Config) { c.Pools[0].Runner.Organization = "-acme" }, []wantProblem{{"pools[0].runner.organization", `"-acme" is not a GitHub organization name`}}},
 		{"repository without owner", func(c *Config) { c.Pools[1].Runner.Repository = "hello" }, []wantProblem{{"pools[1].runner.repository", `"hello" is not a repository; write owner/name`}}},
 		{"repository too deep", func(c *Config) { c.Pools[1].Runner.Repository = "a/b/c" }, []wantProblem{{"pools[1].runner.repository", "write owner/name"}}},
@@ -210,6 +227,22 @@ func TestValidateRules(t *testing.T) {
 		{"group negative", func(c *Config) { c.Pools[0].Runner.GroupID = -1 }, []wantProblem{{"pools[0].runner.group_id", "-1 is negative"}}},
 		{"group with organization", func(c *Config) { c.Pools[0].Runner.GroupID = 3 }, nil},
 		{"group with repository", func(c *Config) { c.Pools[1].Runner.GroupID = 3 }, []wantProblem{{"pools[1].runner.group_id", "organization and enterprise runners only"}}},
+		{"group name", func(c *Config) { c.Pools[0].Runner.Group = "linux" }, nil},
+		{"group name and id", func(c *Config) { c.Pools[0].Runner.Group = "linux"; c.Pools[0].Runner.GroupID = 2 },
+			[]wantProblem{{"pools[0].runner.group", "set either group (the runner group's name) or group_id, not both"}}},
+		{"group name with repository", func(c *Config) { c.Pools[1].Runner.Group = "linux" }, []wantProblem{{"pools[1].runner.group", "organization and enterprise runners only"}}},
+		{"group name padded", func(c *Config) { c.Pools[0].Runner.Group = " linux" }, []wantProblem{{"pools[0].runner.group", "surrounding whitespace"}}},
+		{"group name in labels mode", func(c *Config) { c.Pools[0].Runner.Group = "linux"; c.Pools[0].Scaling = ScalingLabels },
+			[]wantProblem{{"pools[0].runner.group", "works with scaling: scaleset only; in labels mode set group_id"}}},
+		{"labels mode with group id", func(c *Config) { c.Pools[0].Runner.GroupID = 4; c.Pools[0].Scaling = ScalingLabels }, nil},
+		{"scaling unknown", func(c *Config) { c.Pools[0].Scaling = "webhook" }, []wantProblem{{"pools[0].scaling", `"webhook" is not allowed; use one of scaleset, labels`}}},
+		{"vm mode unknown", func(c *Config) { c.Pools[0].VM.Mode = "container" }, []wantProblem{{"pools[0].vm.mode", `"container" is not allowed; use one of system, app`}}},
+		{"vm mode app", func(c *Config) { c.Pools[0].VM.Mode = VMModeApp }, nil},
+		{"boot timeout too short", func(c *Config) { c.Pools[0].Timeouts.Boot = Duration(time.Millisecond) }, []wantProblem{{"pools[0].timeouts.boot", "too short"}}},
+		{"idle ttl negative", func(c *Config) { c.Pools[0].Timeouts.IdleTTL = Duration(-time.Minute) }, []wantProblem{{"pools[0].timeouts.idle_ttl", "negative; use 0 for no limit"}}},
+		{"idle ttl tiny", func(c *Config) { c.Pools[0].Timeouts.IdleTTL = Duration(time.Millisecond) }, []wantProblem{{"pools[0].timeouts.idle_ttl", "too short"}}},
+		{"idle ttl set", func(c *Config) { c.Pools[0].Timeouts.IdleTTL = Duration(time.Hour) }, nil},
+		{"max job negative", func(c *Config) { c.Pools[1].Timeouts.MaxJob = Duration(-time.Hour) }, []wantProblem{{"pools[1].timeouts.max_job", "too short"}}},
 		{"labels empty", func(c *Config) { c.Pools[0].Runner.Labels = []string{} }, []wantProblem{{"pools[0].runner.labels", "empty; list at least one label, or leave the key out for the defaults (self-hosted, fireactions)"}}},
 		{"label empty", func(c *Config) { c.Pools[0].Runner.Labels = []string{"a", ""} }, []wantProblem{{"pools[0].runner.labels[1]", "empty label"}}},
 		{"label comma", func(c *Config) { c.Pools[0].Runner.Labels = []string{"a,b"} }, []wantProblem{{"pools[0].runner.labels[0]", `"a,b" contains a comma`}}},
