@@ -377,6 +377,9 @@ func (s *Store) build(ctx context.Context, res *resolved, ref, wantPlatform stri
 	// the fsync that makes it durable before publication has little left
 	// to wait for.
 	flushDone, flushExited := make(chan struct{}), make(chan struct{})
+	// Fd is taken once, here: calling it from the flusher while Build
+	// writes would race on the file's internal state.
+	fd := int(out.Fd())
 	go func() {
 		defer close(flushExited)
 		t := time.NewTicker(250 * time.Millisecond)
@@ -386,7 +389,7 @@ func (s *Store) build(ctx context.Context, res *resolved, ref, wantPlatform stri
 			case <-flushDone:
 				return
 			case <-t.C:
-				unix.SyncFileRange(int(out.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+				unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
 			}
 		}
 	}()
