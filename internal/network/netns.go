@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"runtime"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -44,9 +45,18 @@ func createNetNS(dir, name string) (string, error) {
 			errc <- fmt.Errorf("unshare: %w", err)
 			return
 		}
-		err = unix.Mount(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), path, "none", unix.MS_BIND, "")
-		if err != nil {
-			err = fmt.Errorf("bind mount: %w", err)
+		// A new namespace's loopback is down; QEMU's user-mode NIC (the
+		// metadata service's guestfwd) builds its socket pairs on it.
+		if lo, lerr := netlink.LinkByName("lo"); lerr != nil {
+			err = fmt.Errorf("find lo: %w", lerr)
+		} else if lerr := netlink.LinkSetUp(lo); lerr != nil {
+			err = fmt.Errorf("set lo up: %w", lerr)
+		}
+		if err == nil {
+			err = unix.Mount(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), path, "none", unix.MS_BIND, "")
+			if err != nil {
+				err = fmt.Errorf("bind mount: %w", err)
+			}
 		}
 		if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); serr != nil && err == nil {
 			err = fmt.Errorf("return to the original netns: %w", serr)
