@@ -7,7 +7,7 @@ SHELL := /usr/bin/env bash
 GO        ?= go
 BIN       := $(CURDIR)/bin
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS   := -s -w -X github.com/fireactions/fireactions/internal/cli.Version=$(VERSION)
+LDFLAGS   := -s -w -X github.com/fireactions/fireactions/internal/cli.Version=$(VERSION) -X github.com/fireactions/fireactions/internal/nomad.Version=$(VERSION)
 export FIREACTIONS_CACHE ?= $(HOME)/.cache/fireactions
 STATICCHECK_VERSION := v0.7.0
 FUZZTIME  ?= 10s
@@ -16,7 +16,7 @@ TEST_TIMEOUT ?= 40m
 # Host binaries; the guest init is built separately, static.
 HOST_CMDS := $(filter-out ./cmd/fireactions-init,$(addprefix ./,$(wildcard cmd/*)))
 
-.PHONY: all build deps kernel cni test test-go fuzz lint bench demo clean
+.PHONY: all build deps kernel cni nomad-agent e2e-nomad test test-go fuzz lint bench demo clean
 
 all: build
 
@@ -38,7 +38,18 @@ kernel: deps
 cni:
 	@scripts/build-cni.sh >/dev/null
 
-test: deps build kernel cni test-go
+# A Nomad v1.10.5 agent for the driver's end-to-end tests, built once from
+# the module proxy (about 8 minutes cold) and cached in $(FIREACTIONS_CACHE)/nomad.
+# If it cannot be built, those two tests skip and say so; nothing else depends on it.
+nomad-agent:
+	@scripts/nomad-agent.sh >/dev/null || echo "WARNING: the Nomad agent could not be built; the Nomad end-to-end tests will skip" >&2
+
+e2e-nomad: deps build kernel cni nomad-agent
+	@set -a; [ -f $(BIN)/kernel.env ] && . $(BIN)/kernel.env; set +a; \
+	  export FIREACTIONS_TEST_KERNEL="$${KERNEL:-}" FIREACTIONS_TEST_MODULES="$${MODULES:-}" FIREACTIONS_INIT=$(BIN)/fireactions-init; \
+	  $(GO) test -count=1 -timeout 20m -run 'TestNomadAgentEndToEnd|TestExampleJobs' -v ./internal/nomad/
+
+test: deps build kernel cni nomad-agent test-go
 	@FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
 test-go:
