@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every Go fuzz target in the module for FUZZTIME each (default 10s).
+# Runs every Go fuzz target in the module for FUZZTIME each (a duration such
+# as 2m, or a count of inputs such as 20000x; default 10s).
 # `make test` runs them briefly; `make fuzz` runs them longer.
 set -euo pipefail
 fuzztime=${FUZZTIME:-10s}
